@@ -38,3 +38,7 @@ COLLECTIONS_ROOT = _collections_root()
 if COLLECTIONS_ROOT not in sys.path:
     sys.path.insert(0, COLLECTIONS_ROOT)
 os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", COLLECTIONS_ROOT)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "needs_root_loop: compares with real grub-install on a loop device (root only)")

@@ -35,6 +35,11 @@ options:
       - Off by default so that a typo can never overwrite a disk of the build host.
     type: bool
     default: false
+"""
+
+    # For the modules that can refuse to overwrite data they did not write.
+    FORCE = r"""
+options:
   force:
     description:
       - Replace what is on the image even when it could destroy data this module did not write.
