@@ -31,3 +31,10 @@ def failing_cleanly(module: AnsibleModule) -> t.Iterator[None]:
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         module.fail_json(msg=f"{where}{exc.strerror or exc}", errno=exc.errno)
+
+
+def exit_with(module: AnsibleModule, result: dict[str, t.Any]) -> None:
+    """Report ``result``, with its ``diff`` only when Ansible runs in diff mode."""
+    if not module._diff:
+        result.pop("diff", None)
+    module.exit_json(**result)

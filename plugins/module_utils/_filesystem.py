@@ -789,15 +789,16 @@ def ensure_filesystem(image: str, partition: object, fstype: str, source: str | 
     label = _mkfs.check_label(fstype, label)
     given_uuid = _mkfs.check_uuid(fstype, uuid)
     options = _mkfs.check_mkfs_options(fstype, mkfs_options)
+    if check_mode and (image_kind(image, "image", allow_block_device) is None or (source and not os.path.lexists(source))):
+        # A check run of a whole playbook: the tasks that make the image and the tree did not run either.
+        return _result(True, False, f"{image} or {source} does not exist yet; the {fstype} filesystem would be built once they do",
+                       None, fstype, given_uuid or "", label, "(no image)\n", f"{fstype} on partition {partition}\n", image)
+
     tree = walk_tree(source, "source") if source else None
     if tree is not None and fstype == "vfat":
         check_fat_tree(tree)
     epoch = _epoch(tree)
     tools = find_tools(fstype)
-
-    if image_kind(image, "image", allow_block_device) is None and check_mode:
-        return _result(True, False, f"{image} does not exist yet; the {fstype} filesystem would be built once it exists",
-                       None, fstype, given_uuid or "", label, "(no image)\n", f"{fstype} on partition {partition}\n", image)
 
     with Image(image, writable=not check_mode, allow_block_device=allow_block_device) as img:
         if not check_mode:

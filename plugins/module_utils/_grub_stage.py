@@ -77,6 +77,11 @@ def stage_grub_files(tree: str, grub_dir: str = "/usr/lib/grub/i386-pc", boot_di
                      font: str | None = "/usr/share/grub/unicode.pf2", grubenv: bool = True,
                      check_mode: bool = False) -> dict[str, t.Any]:
     """Copy the modules, lists and font of ``grub_dir`` into ``tree``; remove stale modules."""
+    if check_mode and not os.path.lexists(tree):
+        # A check run of a whole playbook: the task that makes the tree did not run either.
+        return {"changed": True, "path": os.path.join(tree, boot_dir), "copied": [], "removed": [],
+                "msg": f"{tree} does not exist yet; GRUB's files would be staged into it once it does",
+                "diff": {"before": "", "after": f"{os.path.join(tree, boot_dir)}: GRUB's files from {grub_dir}\n"}}
     wanted, stale = _plan(tree, grub_dir, boot_dir, font, grubenv)
     updates = []
     for dest, (source, data) in wanted.items():

@@ -106,7 +106,7 @@ action:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.osimage.builder.plugins.module_utils._adapter import failing_cleanly
+from ansible_collections.osimage.builder.plugins.module_utils._adapter import exit_with, failing_cleanly
 from ansible_collections.osimage.builder.plugins.module_utils._disk_image import ensure_disk_image
 
 
@@ -125,9 +125,7 @@ def main() -> None:
     with failing_cleanly(module):
         result = ensure_disk_image(p["path"], p["size"], p["state"], force=p["force"],
                                    allow_block_device=p["allow_block_device"], check_mode=module.check_mode)
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+    exit_with(module, result)
 
 
 if __name__ == "__main__":

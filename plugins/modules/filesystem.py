@@ -197,7 +197,7 @@ msg:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.osimage.builder.plugins.module_utils._adapter import failing_cleanly
+from ansible_collections.osimage.builder.plugins.module_utils._adapter import exit_with, failing_cleanly
 from ansible_collections.osimage.builder.plugins.module_utils._filesystem import ensure_filesystem
 
 
@@ -223,9 +223,7 @@ def main() -> None:
             p["image"], p["partition"], p["fstype"], source=p["source"], label=p["label"], uuid=p["uuid"],
             mkfs_options=p["mkfs_options"], seed=p["seed"], force=p["force"], allow_block_device=p["allow_block_device"],
             check_mode=module.check_mode)
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+    exit_with(module, result)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ core_sha256:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.osimage.builder.plugins.module_utils._adapter import failing_cleanly
+from ansible_collections.osimage.builder.plugins.module_utils._adapter import exit_with, failing_cleanly
 from ansible_collections.osimage.builder.plugins.module_utils._grub_bios_install import install_grub_bios
 
 
@@ -173,9 +173,7 @@ def main() -> None:
         result = install_grub_bios(p["image"], p["boot_partition"], grub_dir=p["grub_dir"], prefix=p["prefix"],
                                    modules=p["modules"], mkimage=p["mkimage"], search_by_uuid=p["search_by_uuid"],
                                    allow_block_device=p["allow_block_device"], check_mode=module.check_mode)
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+    exit_with(module, result)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ removed:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.osimage.builder.plugins.module_utils._adapter import failing_cleanly
+from ansible_collections.osimage.builder.plugins.module_utils._adapter import exit_with, failing_cleanly
 from ansible_collections.osimage.builder.plugins.module_utils._grub_stage import stage_grub_files
 
 
@@ -115,9 +115,7 @@ def main() -> None:
     with failing_cleanly(module):
         result = stage_grub_files(p["tree"], grub_dir=p["grub_dir"], boot_dir=p["boot_dir"], font=p["font"] or None,
                                   grubenv=p["grubenv"], check_mode=module.check_mode)
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+    exit_with(module, result)
 
 
 if __name__ == "__main__":

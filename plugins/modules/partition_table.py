@@ -216,7 +216,7 @@ partitions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.osimage.builder.plugins.module_utils._adapter import failing_cleanly
+from ansible_collections.osimage.builder.plugins.module_utils._adapter import exit_with, failing_cleanly
 from ansible_collections.osimage.builder.plugins.module_utils._partition_table import ensure_partition_table
 
 
@@ -252,9 +252,7 @@ def main() -> None:
         result = ensure_partition_table(
             p["image"], p["label"], p["partitions"], disk_id=p["disk_id"], alignment=p["alignment"], seed=p["seed"],
             force=p["force"], allow_block_device=p["allow_block_device"], check_mode=module.check_mode)
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+    exit_with(module, result)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,11 @@ def test_check_mode(tmp_path):
     image = _make_image(tmp_path)
     source = _make_tree(tmp_path / "tree")
     before = _sha(image)
+    not_yet = ensure_filesystem(image, "root", "ext4", source=str(tmp_path / "tree-made-later"), check_mode=True)
+    assert not_yet["changed"] and "does not exist yet" in not_yet["msg"]
+    with pytest.raises(BuildError) as missing:
+        ensure_filesystem(image, "root", "ext4", source=str(tmp_path / "tree-made-later"))
+    assert missing.value.option == "source"
     planned = ensure_filesystem(image, "root", "ext4", source=source, check_mode=True)
     assert planned["changed"] and not planned["built"] and planned["uuid"]
     assert _sha(image) == before and not os.path.exists(image + ".osimage-state.json")

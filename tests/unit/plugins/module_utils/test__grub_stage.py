@@ -93,3 +93,9 @@ def test_stage_refuses_a_missing_tree(tmp_path):
     with pytest.raises(BuildError) as exc:
         stage_grub_files(str(tmp_path / "missing"))
     assert exc.value.option == "tree"
+
+
+def test_check_mode_on_a_tree_not_made_yet(tmp_path):
+    result = stage_grub_files(str(tmp_path / "later"), check_mode=True)
+    assert result["changed"] and "does not exist yet" in result["msg"]
+    assert not (tmp_path / "later").exists()
