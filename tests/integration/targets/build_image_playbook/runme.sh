@@ -28,6 +28,20 @@ rerun_seconds=$(( $(date +%s) - start ))
 
 python "$(dirname "$0")/check_artifacts.py" "$PDD/artifacts" "$OUT" "$rerun_seconds"
 
+# Bad input stops the play before anything is written, naming the variable.
+bad_input() {
+  local expect="$1"; shift
+  if ansible-playbook "$COLLECTION/build-image.yml" -e "osimage_output_dir=$WORK/bad-output" "$@" > "$WORK/bad.log" 2>&1; then
+    echo "the play accepted $*"; exit 1
+  fi
+  grep -q -- "$expect" "$WORK/bad.log" || { cat "$WORK/bad.log"; echo "no '$expect' in the error"; exit 1; }
+  test ! -e "$WORK/bad-output"
+}
+bad_input "osimage_layout" -e osimage_layout=uefi-only
+bad_input "osimage_format" -e osimage_format=iso
+bad_input "osimage_size: 512MiB is too small" -e osimage_size=512MiB
+bad_input "osimage_size: 'lots' is not a size" -e osimage_size=lots
+
 # Check mode on a fresh path: succeeds and writes nothing.
 ansible-playbook "$COLLECTION/build-image.yml" --check -e "osimage_output_dir=$WORK/check-output" -e osimage_boot_accel=tcg
 test ! -e "$WORK/check-output/debian-12.qcow2"
