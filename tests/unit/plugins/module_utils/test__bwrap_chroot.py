@@ -737,7 +737,7 @@ def _nobody_ids() -> tuple[int, int]:
 def as_nobody(kwargs: dict, wrapper: list[str] | None = None) -> dict:
     """run_in_tree(**kwargs) as nobody (setpriv, the host's python3); the result or the error as a dict."""
     if not os.path.exists(HOST_PYTHON) or not shutil.which("setpriv"):
-        pytest.skip("needs /usr/bin/python3 and setpriv")
+        pytest.fail("needs /usr/bin/python3 and setpriv (util-linux)")
     uid, gid = _nobody_ids()
     argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"] + (wrapper or []) + [
         HOST_PYTHON, "-c", NOBODY_SCRIPT, COLLECTIONS_ROOT]
