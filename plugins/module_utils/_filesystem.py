@@ -599,7 +599,9 @@ def _temp_prefix(image: str) -> str:
 def _remove_stale_temps(image: str) -> None:
     """Temporary files of builds that were killed: only a lock holder creates them, and we hold the lock."""
     directory = os.path.dirname(os.path.abspath(image))
-    for path in glob.glob(os.path.join(glob.escape(directory), glob.escape(_temp_prefix(image)) + "*.tmp")):
+    # The record is saved through a temp file too (a kill in that instant leaves it behind).
+    patterns = [glob.escape(_temp_prefix(image)) + "*.tmp", glob.escape(f".{os.path.basename(image)}.osimage-state.json.") + "*.tmp"]
+    for path in (found for pattern in patterns for found in glob.glob(os.path.join(glob.escape(directory), pattern))):
         try:
             os.unlink(path)
         except OSError:
