@@ -550,6 +550,20 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: in
         length -= len(data)
 
 
+def check_room(image: Image, tmp_fd: int, offset: int, size: int) -> None:
+    """Refuse before the partition is punched when the image's filesystem cannot hold the new one."""
+    if image.is_block:
+        return
+    held = sum(end - start for start, end in data_extents(image.fd, offset, offset + size))
+    needed = os.fstat(tmp_fd).st_blocks * 512 - held
+    stats = os.fstatvfs(image.fd)
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free:
+        raise BuildError(f"the build host's filesystem holding {image.path} has {format_size(free)} free, but the new "
+                         f"filesystem needs {format_size(needed)} more there; free some space", option="image",
+                         free=free, needed=needed)
+
+
 def install(image: Image, tmp_fd: int, offset: int, size: int) -> None:
     """Put the filesystem in ``tmp_fd`` into ``image`` at ``offset``, keeping a regular image sparse.
 
@@ -627,7 +641,12 @@ def _mke2fs(ctx: _Context, target: str, with_tree: bool) -> None:
         return
     text = _output(done)
     lowered = text.lower()
-    if with_tree and any(word in lowered for word in ("could not allocate", "no space left", "no free space")):
+    if "no space left on device" in lowered:
+        # mke2fs writes the temporary file beside the image: the build host is full, not the partition.
+        raise BuildError(f"the build host's filesystem holding {os.path.dirname(os.path.abspath(ctx.image))} ran out of space "
+                         f"while mke2fs built the {ctx.fstype} filesystem there (a temporary file of up to the partition's "
+                         f"size); free space there. mke2fs said: {text}", option="image")
+    if with_tree and any(word in lowered for word in ("could not allocate", "no free space")):
         raise BuildError(f"the tree in {ctx.source} does not fit into the {ctx.fstype} filesystem on partition "
                          f"{ctx.part.number} ({format_size(ctx.part.sectors * SECTOR_SIZE)}); make the partition bigger "
                          f"or the tree smaller. mke2fs said: {text}", option="source")
@@ -885,10 +904,18 @@ def ensure_filesystem(image: str, partition: object, fstype: str, source: str | 
             raise BuildError("internal error: the build made nothing")
         tmp_fd, tmp_path = built
         try:
+            check_room(img, tmp_fd, offset, size)
             state.drop_overlapping(part.start_sector, part.sectors)
             state.put(part.start_sector, {"installing": True, "sectors": part.sectors, "partition": part.number})
             state.save()
-            install(img, tmp_fd, offset, size)
+            try:
+                install(img, tmp_fd, offset, size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # The record says "installing", so the next run rebuilds this partition without force.
+                raise BuildError(f"the build host's filesystem holding {image} filled up while the {fstype} filesystem was "
+                                 "copied into the image; free space there and run again", option="image")
         finally:
             os.close(tmp_fd)
             try:

@@ -235,8 +235,9 @@ def test_an_interrupted_install_is_rebuilt_without_force(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(_filesystem, "install", disk_full)
     (tmp_path / "tree" / "more").write_text("more\n")
-    with pytest.raises(OSError):
+    with pytest.raises(BuildError, match="filled up") as caught:
         ensure_filesystem(image, "root", "ext4", source=source)
+    assert caught.value.option == "image"
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
     monkeypatch.setattr(_filesystem, "install", real_install)
     again = ensure_filesystem(image, "root", "ext4", source=source)

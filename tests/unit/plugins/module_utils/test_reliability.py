@@ -27,7 +27,6 @@ The tmpfs and the block-device node need root; those tests skip without it.
 from __future__ import annotations
 
 import ast
-import errno
 import hashlib
 import json
 import os
@@ -394,23 +393,25 @@ def test_full_disk_while_mke2fs_fills_the_tree(tmp_path):
 
 @needs_root
 def test_full_disk_while_copying_into_the_image(tmp_path):
-    """The temporary filesystem fits, copying it into the image does not: the record says unfinished."""
+    """The temporary filesystem fits, copying it into the image would not: refused before the partition is touched."""
     _tool("mke2fs")
     tree = make_tree(str(tmp_path / "tree"), data_mib=24)
     with _Tmpfs(str(tmp_path)) as mnt:
         image = os.path.join(mnt, "disk.raw")
         ensure_disk_image(image, "128MiB", "present")
         ensure_partition_table(image, "msdos", [{}])
-        with pytest.raises((BuildError, OSError)) as caught:
+        with pytest.raises(BuildError) as caught:
             ensure_filesystem(image, 1, "ext4", source=tree)
-        assert getattr(caught.value, "errno", None) == errno.ENOSPC or "No space left" in str(caught.value)
+        assert caught.value.option == "image" and "free" in caught.value.message
         assert _temp_files(mnt) == []
         offset, size = _partition_range(image, 1)
-        record = StateFile(state_path(image)).get(offset // SECTOR_SIZE)
-        assert record is not None and record.get("installing"), "a half-written partition not marked as unfinished"
+        assert StateFile(state_path(image)).get(offset // SECTOR_SIZE) is None
+        with open(image, "rb") as handle:
+            handle.seek(offset)
+            assert not handle.read(size).strip(b"\0"), "the partition was written although the copy could not fit"
         subprocess.run(["mount", "-o", "remount,size=80m", mnt], check=True)
         again = ensure_filesystem(image, 1, "ext4", source=tree)
-        assert again["changed"] and "interrupted" in again["diff"]["before"]
+        assert again["changed"]
         assert _e2fsck(image, offset).returncode == 0
 
 
@@ -876,3 +877,40 @@ def test_a_rerun_removes_what_a_kill_during_the_state_save_left(tmp_path):
     assert any(name.endswith(".tmp") for name in os.listdir(work))
     assert ensure_filesystem(image, 1, "ext4", source=tree)["changed"]
     assert sorted(os.listdir(work)) == ["disk.raw", "disk.raw.osimage-state.json"]
+
+
+# ----------------------------------------------------------------------------
+# Which disk is full: the build host's or the partition
+
+@needs_root
+def test_a_full_build_directory_is_not_blamed_on_the_partition(tmp_path):
+    tree = make_tree(str(tmp_path / "tree"), data_mib=50)
+    with _Tmpfs(str(tmp_path)) as mnt:
+        image = os.path.join(mnt, "disk.raw")
+        ensure_disk_image(image, "128MiB", "present")
+        ensure_partition_table(image, "msdos", [{}])
+        with pytest.raises(BuildError) as caught:
+            ensure_filesystem(image, 1, "ext4", source=tree)
+        assert "make the partition bigger" not in caught.value.message
+        assert mnt in caught.value.message and caught.value.option == "image"
+
+
+@needs_root
+def test_a_full_build_directory_while_copying_in_is_refused_before_the_partition_is_touched(tmp_path):
+    tree = make_tree(str(tmp_path / "tree"), data_mib=24)
+    with _Tmpfs(str(tmp_path)) as mnt:
+        image = os.path.join(mnt, "disk.raw")
+        ensure_disk_image(image, "128MiB", "present")
+        ensure_partition_table(image, "msdos", [{}])
+        ensure_filesystem(image, 1, "ext4", source=make_tree(str(tmp_path / "small"), variant=1, data_mib=0))
+        offset, size = _partition_range(image, 1)
+        with open(image, "rb") as handle:
+            handle.seek(offset)
+            old = handle.read(size)
+        with pytest.raises(BuildError) as caught:
+            ensure_filesystem(image, 1, "ext4", source=tree)
+        assert mnt in caught.value.message and caught.value.option == "image"
+        with open(image, "rb") as handle:
+            handle.seek(offset)
+            assert handle.read(size) == old
+        assert sorted(os.listdir(mnt)) == ["disk.raw", "disk.raw.osimage-state.json"]
