@@ -40,9 +40,8 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEARCH = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
-MiB = 1024 * 1024
+from _common import tool, parse_size, collections_path, ansible_playbook, run, MiB
+
 START_SECTOR = 2048
 FS_UUID = "5e0c0ffe-0000-4000-8000-00000000a55e"
 GRUB_DIR = "/usr/lib/grub/i386-pc"
@@ -109,50 +108,6 @@ PLAYBOOK = """\
         dest: "{{ qcow2 }}"
         format: qcow2
 """
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name, path=SEARCH)
-    if not found:
-        sys.exit(f"{name} is not installed")
-    return found
-
-
-def parse_size(text: str) -> int:
-    units = {"KiB": 1024, "MiB": MiB, "GiB": 1024 * MiB, "TiB": 1024 ** 4}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    return int(text)
-
-
-def collections_path(workdir: str) -> str:
-    """A directory with ansible_collections/osimage/builder -> this checkout (a symlink is enough)."""
-    root = os.path.join(workdir, "collections")
-    link = os.path.join(root, "ansible_collections", "osimage", "builder")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if os.path.realpath(link) != REPO:
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.symlink(REPO, link)
-    return root
-
-
-def ansible_playbook() -> str:
-    if os.environ.get("ANSIBLE_PLAYBOOK"):
-        return os.environ["ANSIBLE_PLAYBOOK"]
-    beside = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
-    return beside if os.path.exists(beside) else tool("ansible-playbook")
-
-
-def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    kwargs.setdefault("stdout", subprocess.PIPE)
-    kwargs.setdefault("stderr", subprocess.PIPE)
-    done = subprocess.run(argv, check=False, **kwargs)
-    if done.returncode != 0:
-        err = (done.stderr or b"").decode(errors="replace")[-2000:] if isinstance(done.stderr, bytes) else done.stderr
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {err}")
-    return done
 
 
 class Steps:

@@ -23,13 +23,13 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ansible_playbook, REPO
+
 
 CALLBACK = '''
 import json, os, time
@@ -69,20 +69,6 @@ class CallbackModule(CallbackBase):
         with open(os.environ["OSIMAGE_TASK_TIMES"], "w") as handle:
             json.dump(self.tasks, handle)
 '''
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name)
-    if not found:
-        sys.exit(f"{name} is not installed")
-    return found
-
-
-def ansible_playbook() -> str:
-    if os.environ.get("ANSIBLE_PLAYBOOK"):
-        return os.environ["ANSIBLE_PLAYBOOK"]
-    beside = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
-    return beside if os.path.exists(beside) else tool("ansible-playbook")
 
 
 def setup(workdir: str) -> dict[str, str]:

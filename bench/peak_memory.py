@@ -34,8 +34,8 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MiB = 1024 * 1024
+from _common import collections_path, MiB
+
 GRUB_DIR = "/usr/lib/grub/i386-pc"
 
 # argv: collections root, report path, kind (function|module|idle), step name, JSON arguments
@@ -73,17 +73,6 @@ else:
         result = getattr(mod, function)(**params)
         print(json.dumps({"changed": result["changed"]}))
 """
-
-
-def collections_path(workdir: str) -> str:
-    root = os.path.join(workdir, "collections")
-    link = os.path.join(root, "ansible_collections", "osimage", "builder")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if os.path.realpath(link) != REPO:
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.symlink(REPO, link)
-    return root
 
 
 TOOLS = ("mke2fs", "qemu-img", "grub-mkimage")

@@ -43,38 +43,11 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEARCH = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
+from _common import tool, collections_path, ansible_playbook, REPO
+
 SECTOR = 512
 BLOCK_CMP = 4096
 NAME = "debian-12"
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name, path=SEARCH)
-    if not found:
-        sys.exit(f"{name} is not installed")
-    return found
-
-
-def collections_path(workdir: str) -> str:
-    """A directory with ansible_collections/osimage/builder -> this checkout (a symlink is enough for Ansible)."""
-    root = os.path.join(workdir, "collections")
-    link = os.path.join(root, "ansible_collections", "osimage", "builder")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if os.path.realpath(link) != REPO:
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.symlink(REPO, link)
-    return root
-
-
-def ansible_playbook() -> str:
-    """$ANSIBLE_PLAYBOOK, the one beside this Python (a venv), or the one on PATH."""
-    if os.environ.get("ANSIBLE_PLAYBOOK"):
-        return os.environ["ANSIBLE_PLAYBOOK"]
-    beside = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
-    return beside if os.path.exists(beside) else tool("ansible-playbook")
 
 
 def build(workdir: str, name: str, epoch: int, extra: list[str]) -> dict:

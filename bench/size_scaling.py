@@ -23,13 +23,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEARCH = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
-MiB = 1024 * 1024
+from _common import tool, parse_size, collections_path, run, MiB
+
 GRUB_DIR = "/usr/lib/grub/i386-pc"
 
 RUNNER = r"""
@@ -53,38 +51,6 @@ step("grub_bios_install", install_grub_bios, raw, 1, grub_dir=grub_dir)
 step("image_convert", convert_image, raw, qcow2, "qcow2")
 print(json.dumps(steps))
 """
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name, path=SEARCH)
-    if not found:
-        sys.exit(f"{name} is not installed")
-    return found
-
-
-def parse_size(text: str) -> int:
-    for unit, factor in (("KiB", 1024), ("MiB", MiB), ("GiB", 1024 * MiB), ("TiB", 1024 ** 4)):
-        if text.endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    return int(text)
-
-
-def collections_path(workdir: str) -> str:
-    root = os.path.join(workdir, "collections")
-    link = os.path.join(root, "ansible_collections", "osimage", "builder")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if os.path.realpath(link) != REPO:
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.symlink(REPO, link)
-    return root
-
-
-def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(argv, capture_output=True, check=False, **kwargs)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
-    return done
 
 
 def ours(workdir: str, out: str, tree: str, size: int) -> dict[str, float]:
