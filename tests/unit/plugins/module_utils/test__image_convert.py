@@ -26,6 +26,7 @@ from ansible_collections.osimage.builder.plugins.module_utils import _commands
 from ansible_collections.osimage.builder.plugins.module_utils import _image_convert as ic
 from ansible_collections.osimage.builder.plugins.module_utils._errors import BuildError
 from ansible_collections.osimage.builder.plugins.module_utils._state import STATE_SUFFIX, StateFile, state_path
+from ansible_collections.osimage.builder.tests.unit.plugins.module_utils.processes import group_alive
 
 MiB = 1024 * 1024
 QEMU_IMG = shutil.which("qemu-img")
@@ -663,24 +664,9 @@ def _start(src, dest):
                             start_new_session=True)
 
 
-def _group_alive(pgid):
-    """Whether a process of the group is still running (zombies do not count)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
 def _wait_group(pgid, timeout=60.0):
     deadline = time.monotonic() + timeout
-    while _group_alive(pgid):
+    while group_alive(pgid):
         if time.monotonic() > deadline:
             os.killpg(pgid, signal.SIGKILL)
             break

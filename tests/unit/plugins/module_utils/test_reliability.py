@@ -57,6 +57,7 @@ from ansible_collections.osimage.builder.plugins.module_utils._partition import 
 )
 from ansible_collections.osimage.builder.plugins.module_utils._partition_table import ensure_partition_table
 from ansible_collections.osimage.builder.plugins.module_utils._state import StateFile, fingerprint, state_path
+from ansible_collections.osimage.builder.tests.unit.plugins.module_utils.processes import group_alive
 
 MiB = 1024 * 1024
 EPOCH = 1_700_000_000
@@ -230,20 +231,6 @@ def _start_fs(image, tree, partition=1, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=child_env)
 
 
-def _group_alive(pgid):
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
 def _kill_group(proc):
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -251,7 +238,7 @@ def _kill_group(proc):
         pass
     proc.communicate()
     deadline = time.monotonic() + 30
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
